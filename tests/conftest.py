@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny Stable Diffusion components built from configs, the real CLIP tokenizer built offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (REPO_ROOT, os.path.join(REPO_ROOT, "small_model")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from clip_tokenizer import load_clip_tokenizer  # noqa: E402
+
+SMALL_MODEL_DIR = os.path.join(REPO_ROOT, "small_model", "deltadeno-small")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    return load_clip_tokenizer(str(tmp_path_factory.mktemp("clip_tokenizer")))
+
+
+def make_tiny_components(tokenizer, prediction_type: str = "epsilon", scheduler_name: str = "ddim") -> dict:
+    """Build tiny random SD components; the VAE downsamples by 2, so vae_scale_factor is 2."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=(2, 4),
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        )
+    ).eval()
+    scheduler_config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+    )
+    scheduler_class = {
+        "ddim": DDIMScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+        "pndm": PNDMScheduler,
+    }[scheduler_name]
+    if scheduler_name == "ddim":
+        scheduler_config.update(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if scheduler_name == "pndm":
+        scheduler_config.update(skip_prk_steps=True, steps_offset=1)
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler_class(**scheduler_config),
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+@pytest.fixture
+def tiny_components(clip_tokenizer):
+    return make_tiny_components(clip_tokenizer)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_components):
+    from pipeline_deltadeno import DeltaDenoPipeline
+
+    pipe = DeltaDenoPipeline(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def textured_image(seed: int = 0, size: tuple[int, int] = (32, 32)) -> PIL.Image.Image:
+    """A smooth random RGB image (height, width) = size, deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(40, 215, size=(size[0] // 4 + 1, size[1] // 4 + 1, 3)).astype(np.uint8)
+    image = PIL.Image.fromarray(coarse).resize((size[1], size[0]), PIL.Image.BICUBIC)
+    return image
+
+
+@pytest.fixture
+def good_image():
+    return textured_image(0)
+
+
+def default_call_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        prompt="a photo of a bottle",
+        anomaly_prompt="a photo of a bottle with a crack",
+        num_inference_steps=6,
+        strength=0.8,
+        guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    kwargs.update(overrides)
+    return kwargs
