@@ -218,11 +218,13 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
 def keep_strongest_components(mask: torch.Tensor, strength: torch.Tensor, max_components: int) -> torch.Tensor:
     """Keep the `max_components` components of a `(h, w)` bool mask with the largest summed strength."""
     labels = connected_components(mask)
-    label_values = labels[labels > 0].unique()
-    if len(label_values) <= max_components:
+    mass = torch.zeros(mask.numel() + 1, device=mask.device, dtype=torch.float32)
+    mass.scatter_add_(0, labels.flatten(), strength.float().flatten())
+    mass[0] = 0.0  # background
+    component_count = int((mass > 0).sum())
+    if component_count <= max_components:
         return mask
-    mass = torch.stack([strength[labels == value].sum() for value in label_values])
-    keep = label_values[torch.argsort(mass, descending=True)[:max_components]]
+    keep = torch.topk(mass, max_components).indices
     return torch.isin(labels, keep)
 
 
@@ -752,10 +754,13 @@ class DeltaDenoPipeline(StableDiffusionImg2ImgPipeline):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encode `(batch, 3, h, w)` pixels in [0, 1] to scaled latents (the posterior mean)."""
-        dtype = torch.float32 if self._vae_needs_upcast() else self.vae.dtype
-        vae = self.vae.to(dtype=torch.float32) if self._vae_needs_upcast() else self.vae
-        posterior = vae.encode(pixels.to(device=self._execution_device, dtype=dtype) * 2 - 1).latent_dist
-        latents = posterior.mean * self.vae.config.scaling_factor
+        upcast = self._vae_needs_upcast()
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
+        if upcast:
+            self.vae.to(dtype=torch.float16)
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift:
             latents = latents - shift * self.vae.config.scaling_factor
