@@ -19,7 +19,7 @@ sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "small_model")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from evaluation import evaluate, format_markdown  # noqa: E402
+from evaluation import evaluate, format_markdown, mask_agreement  # noqa: E402
 
 from pipeline_deltadeno import DeltaDenoPipeline  # noqa: E402
 
@@ -34,6 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument(
         "--call-kwargs", default="{}", help='extra pipeline arguments as JSON, e.g. \'{"attribution_fraction": 0.3}\''
+    )
+    parser.add_argument(
+        "--compare-kwargs",
+        help="also report how far the masks of these pipeline arguments (JSON) agree with the default ones",
     )
     parser.add_argument("--markdown", help="also write the table to this file")
     return parser.parse_args()
@@ -52,6 +56,16 @@ def main() -> None:
         strength=args.strength, guidance_scale=args.guidance_scale, **json.loads(args.call_kwargs),
     )
     table = format_markdown(summaries)
+    if args.compare_kwargs:
+        agreement = mask_agreement(
+            pipe, json.loads(args.call_kwargs), json.loads(args.compare_kwargs), crops_per_texture=args.crops,
+            seed=args.seed, num_inference_steps=args.steps, strength=args.strength,
+            guidance_scale=args.guidance_scale,
+        )
+        table += (
+            f"\nMasks with {args.compare_kwargs} against {args.call_kwargs}: mean IoU {agreement['mean_iou']:.2f}, "
+            f"overlapping in {agreement['overlap_rate']:.0%} of cases.\n"
+        )
     print(table)
     print(f"evaluated in {time.perf_counter() - start:.0f} s")
     if args.markdown:

@@ -228,3 +228,36 @@ def format_markdown(summaries: dict[str, dict]) -> str:
         )
     return header + "\n".join(rows) + "\n"
 
+
+
+def mask_agreement(
+    pipe,
+    first_kwargs: dict,
+    second_kwargs: dict,
+    crops_per_texture: int = 16,
+    seed: int = 0,
+    textures: tuple[str, ...] = TEXTURES,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
+    **call_kwargs,
+) -> dict[str, float]:
+    """Compare the masks of two pipeline settings on the same crops and seeds.
+
+    Returns the mean intersection over union of the two masks and the share of
+    cases where the two masks overlap at all, over every texture and kind.
+    """
+    ious = []
+    for texture in textures:
+        crops = list(heldout_crops(texture)[:crops_per_texture])
+        for kind in kinds:
+            masks = []
+            for settings in (first_kwargs, second_kwargs):
+                output = pipe(
+                    image=crops, prompt=caption(texture), anomaly_prompt=caption(texture, kind),
+                    generator=[torch.Generator().manual_seed(seed + index) for index in range(len(crops))],
+                    output_type="np", **call_kwargs, **settings,
+                )
+                masks.append(output.masks > 0.5)
+            for first, second in zip(*masks):
+                union = np.logical_or(first, second).sum()
+                ious.append(float(np.logical_and(first, second).sum() / union) if union else 1.0)
+    return {"mean_iou": float(np.mean(ious)), "overlap_rate": float(np.mean([iou > 0 for iou in ious]))}
