@@ -71,7 +71,7 @@ EXAMPLE_DOC_STRING = """
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
         ...     custom_pipeline="path/to/pipeline_deltadeno.py",
         ...     trust_remote_code=True,
-        ...     torch_dtype=torch.float16,
+        ...     dtype=torch.float16,
         ... ).to("cuda")
         >>> image = load_image("bottle_good.png").resize((512, 512))
         >>> result = pipe(

@@ -1,10 +1,10 @@
 """Run DeltaDeno offline on the bundled small model and the bundled held-out photos.
 
 For every example image in `examples/images/` and every defect kind the small
-model was trained on, paint one defect and write the result image, its mask
-and an overview grid to the output folder: one row per image, the input, then
-for each defect its localization map, its mask over the output, and the output.
-Needs no network.
+model was trained on, paint one defect and write the result image and its mask
+to the output folder. The overview grid `grid.png` has one row per image: the
+input, then for each defect its localization map, its mask over the output, and
+the output. Needs no network.
 
     python examples/demo.py                      # writes outputs/demo/
     python examples/demo.py --out my_dir --seed 3

@@ -45,8 +45,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
-    pipe = DeltaDenoPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = torch.float16 if args.device == "cuda" else torch.float32
+    pipe = DeltaDenoPipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
     image = PIL.Image.open(args.image)
     result = pipe(
         image=image,

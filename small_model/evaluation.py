@@ -47,7 +47,7 @@ def defect_visible(kind: str, before: np.ndarray, after: np.ndarray, mask: np.nd
 
 
 def rolled_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The same mask shape moved by a random offset (wrapping around), so the area is equal."""
+    """Move the mask by a random offset, wrapping around, so the shape and area stay equal."""
     height, width = mask.shape
     shift_y = int(rng.integers(height // 4, height - height // 4 + 1))
     shift_x = int(rng.integers(width // 4, width - width // 4 + 1))
