@@ -89,9 +89,9 @@ class AnomalyAttentionState:
 
         latent_height, latent_width = self.region.shape[-2:]
         layer_height, layer_width = layer_spatial_size(latent_height, latent_width, query_length)
-        # Fraction of each layer cell covered by the region, so coarse layers get
-        # a proportional bias instead of a hard, shifted edge.
-        coverage = F.adaptive_avg_pool2d(self.region.float(), (layer_height, layer_width))
+        # A layer cell counts as inside when any latent pixel under it is inside. With the
+        # covered fraction instead, small defects got a mostly negative bias at coarse layers.
+        coverage = F.adaptive_max_pool2d(self.region.float(), (layer_height, layer_width))
         coverage = coverage.flatten(1)  # (batch, query_length)
         pixel_bias = self.bias_outside + (self.bias_inside - self.bias_outside) * coverage
 

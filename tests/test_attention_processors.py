@@ -143,3 +143,13 @@ def test_sdpa_float_mask_equals_added_logits():
     bias = torch.randn(1, 1, 4, 5)
     expected = ((query @ key.transpose(-1, -2)) / 8**0.5 + bias).softmax(-1) @ value
     assert torch.allclose(F.scaled_dot_product_attention(query, key, value, attn_mask=bias), expected, atol=1e-6)
+
+
+def test_bias_small_region_inside_at_coarse_layer():
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., 5, 2] = 1  # one latent pixel, inside the layer cell (1, 0) at 4x downsampling
+    columns = torch.ones(1, 2, dtype=torch.bool)
+    state = active_state(region, columns, slice(0, 1), 1, inside=1.0, outside=-8.0)
+    bias = state.bias_for(4, 2, torch.float32)[0, 0, :, 0].view(2, 2)
+    assert bias[1, 0] == 1.0
+    assert torch.all(bias.flatten()[[0, 1, 3]] == -8.0)
