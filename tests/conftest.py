@@ -24,6 +24,22 @@ SMALL_MODEL_DIR = os.path.join(REPO_ROOT, "small_model", "deltadeno-small")
 
 
 @pytest.fixture(scope="session")
+def installed_site(tmp_path_factory) -> str:
+    """Install this repository with `pip install --target` once; return the target folder."""
+    import subprocess
+
+    target = tmp_path_factory.mktemp("site")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
+         str(target), REPO_ROOT],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr
+    return str(target)
+
+
+@pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory):
     return load_clip_tokenizer(str(tmp_path_factory.mktemp("clip_tokenizer")))
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -624,15 +625,8 @@ def test_cli_invalid_argument_exit_code(good_dir, tmp_path, capsys):
     assert "error: defect name must be a plain folder name" in capsys.readouterr().err
 
 
-def test_installed_command_without_bundled_model(good_dir, tmp_path):
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target), REPO_ROOT],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr
+def test_installed_command_without_bundled_model(good_dir, tmp_path, installed_site):
+    target = Path(installed_site)
     command = target / "bin" / "deltadeno-generate"
     assert command.is_file()
     environment = dict(subprocess_environment(), PYTHONPATH=str(target))

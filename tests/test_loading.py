@@ -70,19 +70,12 @@ def test_load_from_pipe_shares_components(tiny_model_dir):
     assert call_output(pipe).empty_masks == [False]
 
 
-def test_load_after_pip_install(tiny_model_dir, tmp_path):
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target), REPO_ROOT],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr
+def test_load_after_pip_install(tiny_model_dir, tmp_path, installed_site):
+    target = installed_site
     script = (
         "import torch, pipeline_deltadeno, attention_processors\n"
         "from pipeline_deltadeno import DeltaDenoPipeline\n"
-        f"assert pipeline_deltadeno.__file__.startswith({str(target)!r}), pipeline_deltadeno.__file__\n"
+        f"assert pipeline_deltadeno.__file__.startswith({target!r}), pipeline_deltadeno.__file__\n"
         f"pipe = DeltaDenoPipeline.from_pretrained({tiny_model_dir!r})\n"
         "pipe.set_progress_bar_config(disable=True)\n"
         "import numpy as np\n"
@@ -91,7 +84,7 @@ def test_load_after_pip_install(tiny_model_dir, tmp_path):
         " num_inference_steps=6, strength=0.8, generator=torch.Generator().manual_seed(0), output_type='np')\n"
         "print('masks', out.masks.shape)\n"
     )
-    environment = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    environment = dict(os.environ, PYTHONPATH=target, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
     )
