@@ -29,6 +29,7 @@ def bench_run(tmp_path_factory):
             "--warmup", "0",
             "--unet-repeats", "1",
             "--layer-sample-seconds", "0",
+            "--memory-timeout", "120",
             "--output", str(output),
         ]
     )
