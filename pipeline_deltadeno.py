@@ -922,7 +922,9 @@ class DeltaDenoPipeline(StableDiffusionImg2ImgPipeline):
         image_size = tuple(images[0].shape[-2:])
         user_masks = self.prepare_masks(mask_image, "mask_image", len(images), image_size)
         object_masks = self.prepare_masks(object_mask, "object_mask", len(images), image_size)
-        error = unsupported_processor_error(self.unet.attn_processors)
+        # Read once: the property walks every module of the UNet.
+        saved_processors = dict(self.unet.attn_processors)
+        error = unsupported_processor_error(saved_processors)
         if error:
             raise ValueError(error)
 
@@ -1005,7 +1007,6 @@ class DeltaDenoPipeline(StableDiffusionImg2ImgPipeline):
             latent_object_masks = latent_object_masks.to(device)
 
         state = AnomalyAttentionState()
-        saved_processors = dict(self.unet.attn_processors)
         cross_names = set(cross_attention_processor_names(self.unet))
         self.unet.set_attn_processor(
             {
