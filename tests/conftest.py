@@ -122,6 +122,17 @@ def make_tiny_components(tokenizer, prediction_type: str = "epsilon", scheduler_
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, clip_tokenizer) -> str:
+    """A tiny Stable Diffusion folder on disk, for loading routes and the dataset command."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    pipe = StableDiffusionPipeline(**make_tiny_components(clip_tokenizer), requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tiny_components(clip_tokenizer):
     return make_tiny_components(clip_tokenizer)

@@ -17,8 +17,7 @@ import PIL.Image
 import PIL.ImageFilter
 import pytest
 import torch
-from conftest import REPO_ROOT, SMALL_MODEL_DIR, make_tiny_components, textured_image
-from diffusers import StableDiffusionPipeline
+from conftest import REPO_ROOT, SMALL_MODEL_DIR, textured_image
 
 import deltadeno_generate
 from deltadeno_dataset import DatasetGenerationError, read_jsonl
@@ -51,15 +50,6 @@ SMALL_JOB = dict(
     pipeline_kwargs={"num_inference_steps": 6, "strength": 0.8},
     progress=False,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, clip_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    StableDiffusionPipeline(**make_tiny_components(clip_tokenizer), requires_safety_checker=False).save_pretrained(
-        folder
-    )
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
-from conftest import REPO_ROOT, default_call_kwargs, make_tiny_components, textured_image
+from conftest import REPO_ROOT, default_call_kwargs, textured_image
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from pipeline_deltadeno import DeltaDenoPipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, clip_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    StableDiffusionPipeline(**make_tiny_components(clip_tokenizer), requires_safety_checker=False).save_pretrained(
-        folder
-    )
-    return str(folder)
 
 
 def call_output(pipe):

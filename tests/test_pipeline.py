@@ -38,7 +38,7 @@ def to_uint8(array):
 # The method's steps
 
 
-def test_call_one_unet_call_per_step_with_three_then_two_conditions(tiny_pipe, good_image):
+def test_call_unet_batches_per_phase(tiny_pipe, good_image):
     recorder = UNetCallRecorder(tiny_pipe.unet)
     run(tiny_pipe, [good_image, textured_image(1)], num_inference_steps=10, strength=0.8, attribution_fraction=0.4)
     recorder.remove()
@@ -94,10 +94,12 @@ def test_call_mask_change_matches_outputs(tiny_pipe, good_image):
 def test_call_localization_map_per_image(tiny_pipe, good_image):
     output = run(tiny_pipe, [good_image, textured_image(3)], generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
     maps = output.localization_maps
-    assert maps.shape == (2, 32, 32) and maps.dtype == np.float32
+    assert maps.shape == (2, 32, 32)
+    assert maps.dtype == np.float32
     # Normalized per image at latent resolution, then upsampled bilinearly.
     for single in maps:
-        assert 0.0 <= single.min() < 0.1 and 0.9 < single.max() <= 1.0
+        assert 0.0 <= single.min() < 0.1
+        assert 0.9 < single.max() <= 1.0
     # The mask is the top of the map: its mean inside is above its mean outside.
     inside = output.masks[0] > 0.5
     assert maps[0][inside].mean() > maps[0][~inside].mean()
@@ -174,7 +176,8 @@ def test_call_num_images_per_prompt(tiny_pipe):
     output = run(tiny_pipe, images, num_images_per_prompt=3, generator=None, output_type="pt")
     assert output.images.shape == (6, 3, 32, 32)
     assert output.masks.shape == (6, 1, 32, 32)
-    assert len(output.mask_change) == 6 and len(output.anomaly_tokens) == 6
+    assert len(output.mask_change) == 6
+    assert len(output.anomaly_tokens) == 6
     assert not torch.equal(output.images[0], output.images[1])
 
 
@@ -206,14 +209,17 @@ def test_call_output_containers(tiny_pipe, good_image, output_type):
     output = run(tiny_pipe, good_image, output_type=output_type)
     assert isinstance(output, DeltaDenoPipelineOutput)
     if output_type == "pil":
-        assert isinstance(output.images[0], PIL.Image.Image) and output.images[0].size == (32, 32)
+        assert isinstance(output.images[0], PIL.Image.Image)
+        assert output.images[0].size == (32, 32)
         assert output.masks[0].mode == "L"
         assert set(np.unique(np.asarray(output.masks[0]))) <= {0, 255}
     elif output_type == "np":
-        assert output.images.shape == (1, 32, 32, 3) and output.masks.shape == (1, 32, 32)
+        assert output.images.shape == (1, 32, 32, 3)
+        assert output.masks.shape == (1, 32, 32)
         assert set(np.unique(output.masks)) <= {0.0, 1.0}
     else:
-        assert output.images.shape == (1, 3, 32, 32) and output.masks.shape == (1, 1, 32, 32)
+        assert output.images.shape == (1, 3, 32, 32)
+        assert output.masks.shape == (1, 1, 32, 32)
         assert isinstance(output.localization_maps, torch.Tensor)
 
 
@@ -228,7 +234,8 @@ def test_call_latent_output(tiny_pipe, good_image):
 def test_call_tuple_equals_dict(tiny_pipe, good_image):
     as_dict = run(tiny_pipe, good_image, output_type="pt")
     as_tuple = run(tiny_pipe, good_image, output_type="pt", return_dict=False)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 7
+    assert isinstance(as_tuple, tuple)
+    assert len(as_tuple) == 7
     assert torch.equal(as_tuple[0], as_dict.images)
     assert torch.equal(as_tuple[1], as_dict.masks)
     assert as_tuple[4] == as_dict.empty_masks
@@ -237,7 +244,8 @@ def test_call_tuple_equals_dict(tiny_pipe, good_image):
 def test_call_non_square_image(tiny_pipe):
     image = textured_image(2, size=(24, 40))
     output = run(tiny_pipe, image, output_type="pt")
-    assert output.images.shape == (1, 3, 24, 40) and output.masks.shape == (1, 1, 24, 40)
+    assert output.images.shape == (1, 3, 24, 40)
+    assert output.masks.shape == (1, 1, 24, 40)
 
 
 def test_call_height_width_resize(tiny_pipe):
@@ -282,7 +290,8 @@ def test_call_callback_every_step_and_latents_replaced(tiny_pipe, good_image):
         output_type="pt",
     )
     assert [s for s, _, _ in steps] == list(range(8))
-    assert steps[0][1] == (1, 4, 16, 16) and steps[0][2] == (1, 77, 32)
+    assert steps[0][1] == (1, 4, 16, 16)
+    assert steps[0][2] == (1, 77, 32)
     plain = run(tiny_pipe, good_image, num_inference_steps=10, output_type="pt")
     assert not torch.equal(output.images, plain.images)
 
@@ -294,7 +303,8 @@ def test_call_unknown_callback_input_raises(tiny_pipe, good_image):
 
 def test_encode_prompt_alone(tiny_pipe):
     embeds, negative = tiny_pipe.encode_prompt("a photo of a bottle", "cpu", 2, True, negative_prompt="blurry")
-    assert embeds.shape == (2, 77, 32) and negative.shape == (2, 77, 32)
+    assert embeds.shape == (2, 77, 32)
+    assert negative.shape == (2, 77, 32)
     reference, _ = tiny_pipe.encode_prompt("a photo of a bottle", "cpu", 1, False)
     assert torch.allclose(embeds[0], reference[0])
 
