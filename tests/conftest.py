@@ -20,6 +20,8 @@ torch.set_num_threads(1)
 
 from clip_tokenizer import load_clip_tokenizer  # noqa: E402
 
+from bench.components import TINY_TEXT_ENCODER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG  # noqa: E402
+
 SMALL_MODEL_DIR = os.path.join(REPO_ROOT, "small_model", "deltadeno-small")
 
 
@@ -45,7 +47,10 @@ def clip_tokenizer(tmp_path_factory):
 
 
 def make_tiny_components(tokenizer, prediction_type: str = "epsilon", scheduler_name: str = "ddim") -> dict:
-    """Build tiny random SD components; the VAE downsamples by 2, so vae_scale_factor is 2."""
+    """Build tiny random SD components from the configs the benchmark's `--tiny` run uses too.
+
+    The VAE downsamples by 2, so vae_scale_factor is 2.
+    """
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -57,44 +62,11 @@ def make_tiny_components(tokenizer, prediction_type: str = "epsilon", scheduler_
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=(2, 4),
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        )
-    ).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)).eval()
     scheduler_config = dict(
         beta_start=0.00085,
         beta_end=0.012,
