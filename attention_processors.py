@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# The memory-efficient SDPA kernel wants the key length of a float mask aligned
-# to 8 elements; the mask is allocated at the padded width and sliced back to
+# The memory-efficient SDPA kernel needs the key length of a float mask aligned
+# to 8 elements. The mask is allocated at the padded width and sliced back to
 # the true key length, so its row stride stays aligned.
 _KEY_LENGTH_ALIGNMENT = 8
 
@@ -34,7 +34,7 @@ class AnomalyAttentionState:
     Attributes:
         region: `(batch, 1, h, w)` defect region at latent resolution, values in [0, 1].
         anomaly_columns: `(batch, key_length)` bool, True at the anomaly-token positions.
-        anomaly_rows: slice of the UNet batch that holds the anomaly branch.
+        anomaly_rows: slice of the UNet batch that contains the anomaly branch.
         unet_batch_size: full batch of the UNet call the bias is built for.
         bias_inside: logit bias for anomaly tokens inside the region.
         bias_outside: logit bias for anomaly tokens outside the region.

@@ -41,8 +41,8 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-# Relative import when diffusers loads this file as a custom pipeline or it is
-# installed as a package; absolute import for a flat install or a script next to it.
+# diffusers loads this file as a custom pipeline inside a package, which needs the
+# relative import. A flat install or a script next to the file needs the absolute one.
 if __package__:
     from .attention_processors import (
         AnomalyAttentionState,
@@ -747,7 +747,7 @@ class DeltaDenoPipeline(StableDiffusionImg2ImgPipeline):
         return refined, columns
 
     # ------------------------------------------------------------------
-    # VAE with upcasting where the config asks for it
+    # VAE with upcasting where the config sets force_upcast
 
     def _vae_needs_upcast(self) -> bool:
         return self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)

@@ -32,7 +32,8 @@ def test_alignment_multi_token_object_names(tiny_pipe):
 
 def test_alignment_multi_token_defect_word(tiny_pipe):
     tokens = anomaly_token_strings(tiny_pipe, "a photo of a screw_bag", "a photo of a screw_bag with a broken_zipper")
-    assert "broken</w>" in tokens and "zipper</w>" in tokens
+    assert "broken</w>" in tokens
+    assert "zipper</w>" in tokens
     assert "screw</w>" not in tokens
 
 
@@ -78,7 +79,8 @@ def test_align_prompt_tokens_replacement():
 
 def test_prompt_token_ids_strip_special_tokens(clip_tokenizer):
     ids = prompt_token_ids(clip_tokenizer, "a photo")
-    assert clip_tokenizer.bos_token_id not in ids and clip_tokenizer.eos_token_id not in ids
+    assert clip_tokenizer.bos_token_id not in ids
+    assert clip_tokenizer.eos_token_id not in ids
     assert len(ids) == 2
 
 

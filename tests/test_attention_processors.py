@@ -118,7 +118,8 @@ def test_bias_resized_to_non_square_layer():
     columns = torch.ones(1, 3, dtype=torch.bool)
     state = active_state(region, columns, slice(0, 1), 1, inside=1.0, outside=-1.0)
     bias = state.bias_for(6 * 4, 3, torch.float32)[0, 0, :, 0].view(6, 4)
-    assert torch.all(bias[:3] == 1.0) and torch.all(bias[3:] == -1.0)
+    assert torch.all(bias[:3] == 1.0)
+    assert torch.all(bias[3:] == -1.0)
 
 
 def test_bias_built_in_query_dtype_and_aligned_stride():
@@ -126,7 +127,8 @@ def test_bias_built_in_query_dtype_and_aligned_stride():
     state = active_state(torch.ones(1, 1, 4, 4), columns, slice(0, 1), 1)
     bias = state.bias_for(16, 77, torch.bfloat16)
     assert bias.dtype == torch.bfloat16
-    assert bias.shape[-1] == 77 and bias.stride(-2) % 8 == 0
+    assert bias.shape[-1] == 77
+    assert bias.stride(-2) % 8 == 0
 
 
 def test_bias_cached_per_resolution():
@@ -134,7 +136,8 @@ def test_bias_cached_per_resolution():
     state = active_state(torch.ones(1, 1, 4, 4), columns, slice(0, 1), 1)
     assert state.bias_for(16, 5, torch.float32) is state.bias_for(16, 5, torch.float32)
     state.deactivate()
-    assert state.region is None and not state.active
+    assert state.region is None
+    assert not state.active
 
 
 def test_sdpa_float_mask_equals_added_logits():

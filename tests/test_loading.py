@@ -47,7 +47,7 @@ def test_load_save_pretrained_reloads_with_class(tiny_model_dir, tmp_path):
     pipe = DeltaDenoPipeline.from_pretrained(tiny_model_dir)
     reference = call_output(pipe)
     pipe.save_pretrained(tmp_path)
-    # The folder names its own pipeline file, so diffusers asks for trust_remote_code here too.
+    # The folder names its own pipeline file, so diffusers requires trust_remote_code here too.
     loaded = DeltaDenoPipeline.from_pretrained(str(tmp_path), trust_remote_code=True)
     assert type(loaded).__name__ == "DeltaDenoPipeline"
     assert torch.equal(call_output(loaded).images, reference.images)
@@ -56,7 +56,9 @@ def test_load_save_pretrained_reloads_with_class(tiny_model_dir, tmp_path):
 def test_load_from_pipe_shares_components(tiny_model_dir):
     sd = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     pipe = DeltaDenoPipeline.from_pipe(sd)
-    assert pipe.unet is sd.unet and pipe.vae is sd.vae and pipe.tokenizer is sd.tokenizer
+    assert pipe.unet is sd.unet
+    assert pipe.vae is sd.vae
+    assert pipe.tokenizer is sd.tokenizer
     assert call_output(pipe).empty_masks == [False]
 
 

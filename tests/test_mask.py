@@ -47,7 +47,8 @@ def test_otsu_threshold_between_modes():
 def test_mask_keeps_strongest_component():
     mask, _, _ = make_mask(two_blob_map(), method="absolute", threshold=0.1, components=1)
     assert int(mask.sum()) == 16
-    assert mask[0, 0, 11, 11] == 1 and mask[0, 0, 3, 3] == 0
+    assert mask[0, 0, 11, 11] == 1
+    assert mask[0, 0, 3, 3] == 0
 
 
 def test_mask_keeps_all_components_with_zero():
@@ -94,7 +95,8 @@ def test_mask_flat_map_is_empty():
 def test_mask_nan_map_does_not_crash():
     maps = torch.full((1, 1, 8, 8), float("nan"))
     mask, _, empty = make_mask(maps)
-    assert empty == [True] and int(mask.sum()) == 0
+    assert empty == [True]
+    assert int(mask.sum()) == 0
 
 
 def test_mask_per_image_independent_of_batch_neighbours():
@@ -109,7 +111,8 @@ def test_mask_per_image_independent_of_batch_neighbours():
 def test_mask_normalized_map_in_unit_range():
     maps = 5 + 3 * torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     _, normalized, _ = make_mask(maps)
-    assert float(normalized.min()) == 0.0 and float(normalized.max()) == 1.0
+    assert float(normalized.min()) == 0.0
+    assert float(normalized.max()) == 1.0
 
 
 def test_connected_components_counts_diagonal_as_connected():
