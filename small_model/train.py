@@ -8,7 +8,7 @@ level (4x4) only. Training data are crops of scikit-image texture photos,
 about half of them with a painted hole, scratch or stain (see data.py).
 
 Stages, all counted in optimizer steps so that a run is deterministic given
-its seed:
+its seed and thread count (tests/test_training.py checks two short runs):
 1. train the VAE on the crops and measure its PSNR on held-out crops,
 2. set the VAE `scaling_factor` so that training latents have unit std,
    then encode every crop once,
@@ -215,8 +215,11 @@ def train_unet(unet, text_encoder, latents, caption_ids, unique_input_ids, empty
 
         # Only a dozen distinct captions exist, so encode each once per step
         # and gather: (num_captions, 77, hidden) -> (batch, 77, hidden).
+        # Gather with index_select, because the backward pass of `caption_embeds[ids]`
+        # (index_put_ with accumulate) gave different text-encoder gradients
+        # from run to run with 2 threads (torch 2.13.0, CPU).
         caption_embeds = text_encoder(unique_input_ids)[0]
-        encoder_hidden_states = caption_embeds[batch_caption_ids]
+        encoder_hidden_states = caption_embeds.index_select(0, batch_caption_ids)
 
         noise = torch.randn(batch_latents.shape, generator=generator)
         timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.unet_batch,), generator=generator)
@@ -282,6 +285,7 @@ def save_pipeline(out_dir, vae, text_encoder, tokenizer, unet) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     wall_start = time.time()
