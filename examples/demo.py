@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion folder or Hub id")
     parser.add_argument("--images", default=DEFAULT_IMAGES, help="folder of defect-free PNG images")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "outputs", "demo"), help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed + i)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strength", type=float, default=0.75)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
@@ -99,8 +99,9 @@ def main() -> None:
     tiles = [[source] for source in sources]
     count = 0
     for defect in DEFECT_KINDS:
-        # One batched call per defect kind; each image gets its own generator, so its result
-        # does not depend on the other images in the batch.
+        # One batched call per defect kind. Image i gets its own generator seeded with
+        # seed + i, so its result does not depend on the other images in the batch. With
+        # one shared seed every image got the same noise, and every defect the same place.
         result = pipe(
             image=[PIL.Image.fromarray(source) for source in sources],
             prompt=[f"a photo of {texture}" for texture in textures],
@@ -108,7 +109,7 @@ def main() -> None:
             num_inference_steps=args.steps,
             strength=args.strength,
             guidance_scale=args.guidance_scale,
-            generator=[torch.Generator().manual_seed(args.seed) for _ in sources],
+            generator=[torch.Generator().manual_seed(args.seed + index) for index in range(len(sources))],
         )
         for index, name in enumerate(names):
             result.images[index].save(os.path.join(args.out, f"{name}_{defect}.png"))
