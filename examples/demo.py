@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
+from deltadeno_dataset import write_png_atomic  # noqa: E402
 from pipeline_deltadeno import DeltaDenoPipeline  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "small_model", "deltadeno-small")
@@ -112,8 +113,8 @@ def main() -> None:
             generator=[torch.Generator().manual_seed(args.seed + index) for index in range(len(sources))],
         )
         for index, name in enumerate(names):
-            result.images[index].save(os.path.join(args.out, f"{name}_{defect}.png"))
-            result.masks[index].save(os.path.join(args.out, f"{name}_{defect}_mask.png"))
+            write_png_atomic(result.images[index], os.path.join(args.out, f"{name}_{defect}.png"))
+            write_png_atomic(result.masks[index], os.path.join(args.out, f"{name}_{defect}_mask.png"))
             mask = np.asarray(result.masks[index]) > 127
             tiles[index] += tiles_for(np.asarray(result.images[index]), mask, result.localization_maps[index])
             status = "empty mask" if result.empty_masks[index] else f"change inside mask {result.mask_change[index]:.3f}"
@@ -122,7 +123,7 @@ def main() -> None:
     rows = [grid_row(row) for row in tiles]
 
     grid_path = os.path.join(args.out, "grid.png")
-    PIL.Image.fromarray(np.concatenate(rows, axis=0)).save(grid_path)
+    write_png_atomic(PIL.Image.fromarray(np.concatenate(rows, axis=0)), grid_path)
     columns = " | ".join(f"{defect}: map, mask, output" for defect in DEFECT_KINDS)
     print(f"wrote {count} results and {grid_path} (input | {columns}) "
           f"in {time.perf_counter() - start:.1f} s")
