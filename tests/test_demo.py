@@ -60,8 +60,8 @@ def test_demo_leaves_no_temporary_files(demo_out):
 
 @pytest.mark.parametrize("defect", DEFECT_KINDS)
 def test_demo_defects_vary_in_place(demo_out, defect):
-    # Each image has its own seed. With one seed shared by all images, the masks of a
-    # defect fell into only two cells of this 8-pixel grid.
+    # Each image has its own seed. With one seed shared by all images, the hole masks
+    # and the stain masks each fell into only two cells of this 8-pixel grid.
     centroids = set()
     for path in EXAMPLE_IMAGES:
         name = os.path.splitext(os.path.basename(path))[0]
